@@ -1,0 +1,3 @@
+from skipkv_cli.cli import app
+
+app(prog_name="skipkv")
