@@ -14,6 +14,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Name under which the package's attention function is registered. Models run
 # with it compute exactly what `sdpa` computes, and hand the post-RoPE query of
@@ -122,6 +123,9 @@ def _observed_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register(ATTENTION_NAME, _observed_sdpa)
+# Without a mask function of the same name, transformers builds no mask at all
+# for the model (its own `generate` then ignores padding), so register sdpa's.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def use_observed_attention(model: PreTrainedModel, observer: QueryObserver | None) -> None:
