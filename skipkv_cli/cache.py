@@ -78,19 +78,27 @@ class CompactingLayer(CacheLayerMixin):
         self._refresh_views()
         return self.keys, self.values
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Keep the slots `keep` (batch, kv_heads, kept), ascending, and move them to the front."""
+    def compact(self, keep: torch.Tensor, masked: torch.Tensor | None = None) -> None:
+        """Keep the slots `keep` (batch, kv_heads, kept), ascending, and move them to the front.
+
+        `masked` (batch, kept) marks entries of `keep` that only fill a row up
+        to the common length; they become padding slots (position -1).
+        """
         kept = keep.shape[-1]
         index = keep.unsqueeze(-1).expand(-1, -1, -1, self.key_buffer.shape[-1])
         keys = torch.gather(self.keys, 2, index)
         values = torch.gather(self.values, 2, index)
         positions = torch.gather(self.positions[:, :, : self.length], 2, keep)
+        if masked is not None:
+            positions.masked_fill_(masked[:, None, :], -1)
         self.key_buffer[:, :, :kept].copy_(keys)
         self.value_buffer[:, :, :kept].copy_(values)
         self.positions[:, :, :kept].copy_(positions)
         self.positions[:, :, kept:].fill_(-1)
         if self.attention is not None:
             attention = torch.gather(self.attention[:, :, : self.length], 2, keep)
+            if masked is not None:
+                attention.masked_fill_(masked[:, None, :], 0.0)
             self.attention[:, :, :kept].copy_(attention)
             self.attention[:, :, kept:].zero_()
         self.length = kept
@@ -149,9 +157,6 @@ class CompactingCache(Cache):
         """Set the real-token positions (batch, new_tokens), -1 for padding, of the next update."""
         for layer in self.layers:
             layer.incoming_positions = positions
-
-    def compact(self, layer_idx: int, keep: torch.Tensor) -> None:
-        self.layers[layer_idx].compact(keep)
 
     def padding_slots(self) -> torch.Tensor:
         """Return the number of padding slots at the front of each row (batch,)."""

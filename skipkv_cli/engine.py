@@ -32,6 +32,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # generate max_new_tokens for every row (benchmarks)
 
 
 @dataclass
@@ -85,12 +86,14 @@ class _QueryRecorder:
         batch, heads, _, head_dim = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
-        grouped = query.float().view(batch, kv_heads, group * query.shape[2], head_dim)
+        grouped = query.float().reshape(batch, kv_heads, group * query.shape[2], head_dim)
         logits = grouped @ key.float().transpose(-1, -2) * module.scaling
         logits = logits.view(batch, kv_heads, group, query.shape[2], -1) + mask.float()[:, :, None]
         probs = torch.softmax(logits, dim=-1)
+        # A padding query has every key masked; it must not add to real tokens' sums.
+        real_query = (mask.amax(dim=-1) == 0).float()[:, :, None, :, None]
         # Sum over the queries of the step, mean over the query heads of a group.
-        received = probs.sum(dim=3).mean(dim=2)
+        received = (probs * real_query).sum(dim=3).mean(dim=2)
         layer = self.cache.layers[module.layer_idx]
         layer.attention[:, :, : received.shape[-1]] += received
 
@@ -150,7 +153,9 @@ class _BatchState:
             self.steering.install(model)
 
         self.generators = None
-        self.compressions = 0
+        self.compressions = torch.zeros(self.batch_size, dtype=torch.long)
+        self.compression_time_s = 0.0
+        self.real_cached = torch.zeros(self.batch_size, dtype=torch.long)  # real tokens in the cache, per row
         self.tokens_evicted = torch.zeros(self.batch_size, dtype=torch.long)
         self.kv_tokens_peak = torch.zeros(self.batch_size, dtype=torch.long)
 
@@ -236,8 +241,10 @@ class Engine:
         hidden = compat.forward_base(self.model, input_ids, self._mask(allowed), positions, state.cache)
         tokens = self._sample(state, hidden[:, -1])
         state.kv_tokens_peak[:] = state.cache.length
-        if self._should_compress(state, after_prefill=True):
-            self._compress(state, step=0)
+        state.real_cached = state.prompt_lengths.cpu().clone()
+        due = self._due_rows(state, after_prefill=True)
+        if bool(due.any()):
+            self._compress(state, due, step=0)
 
         generated: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
@@ -252,7 +259,7 @@ class Engine:
                 if finished[row]:
                     continue
                 generated[row].append(token_list[row])
-                if token_list[row] in self.eos_ids:
+                if token_list[row] in self.eos_ids and not self.generation.ignore_eos:
                     finished[row] = True
                     reasons[row] = "eos"
                 elif len(generated[row]) >= max_new:
@@ -266,8 +273,9 @@ class Engine:
             active = (~finished).to(self.device)
 
             # 4. Cut the cache back to the budget when it is full.
-            if self._should_compress(state, after_prefill=False):
-                self._compress(state, step=step + 1)
+            due = self._due_rows(state, after_prefill=False)
+            if bool(due.any()):
+                self._compress(state, due, step=step + 1)
 
             # 5. One forward for the token of each row at its real position.
             if state.steering is not None:
@@ -280,6 +288,7 @@ class Engine:
                 self.model, fed[:, None], self._mask(allowed[:, None, :]), step_positions, state.cache
             )
             next_position += 1
+            state.real_cached += 1
             still = (~finished).to(state.kv_tokens_peak.device)
             state.kv_tokens_peak = torch.where(
                 still, torch.clamp(state.kv_tokens_peak, min=state.cache.length), state.kv_tokens_peak
@@ -293,38 +302,74 @@ class Engine:
 
         return generated, reasons
 
-    def _should_compress(self, state: _BatchState, after_prefill: bool) -> bool:
-        if self.compression is None:
-            return False
-        budget = self.compression.policy.budget
-        length = state.cache.length
-        if after_prefill:
-            return length > budget
-        return length >= budget + self.compression.interval
+    def _due_rows(self, state: _BatchState, after_prefill: bool) -> torch.Tensor:
+        """Return (batch,) bool: rows whose real cached tokens reached the compression point.
 
-    def _compress(self, state: _BatchState, step: int) -> None:
+        Counting real tokens, not slots, makes a row compress at the same step
+        in a padded batch as alone: right after prefill when its prompt is
+        longer than the budget, then whenever it holds budget + interval tokens.
+        """
+        if self.compression is None:
+            return torch.zeros(state.batch_size, dtype=torch.bool)
+        budget = self.compression.policy.budget
+        due = state.real_cached >= budget + self.compression.interval
+        if after_prefill:
+            due |= state.real_cached > budget
+        return due
+
+    def _compress(self, state: _BatchState, due: torch.Tensor, step: int) -> None:
+        """Cut the due rows back to the budget; other rows keep every real token.
+
+        Rows then hold different numbers of tokens, so each row is left-filled
+        with masked slots up to the longest. The slot length never exceeds
+        budget + interval: the row with no masked slots is the one that
+        reaches that many real tokens first.
+        """
         from skipkv_cli.policies import LayerState
 
+        started = time.perf_counter()
         policy = self.compression.policy
         cache = state.cache
-        real_before = (cache.layers[0].positions[:, 0, : cache.length] >= 0).sum(dim=-1)
+        due_rows = due.nonzero().flatten().tolist()
+        kept = torch.where(due, torch.full_like(state.real_cached, policy.budget), state.real_cached)
+        new_length = int(kept.max())
+        padding = cache.padding_slots().tolist()
+        due_index = torch.tensor(due_rows, device=self.device)
+
         for layer_idx, layer in enumerate(cache.layers):
-            positions = layer.positions[:, :, : layer.length]
+            length = layer.length
+            positions = layer.positions[:, :, :length]
+            queries = state.recorder.queries[layer_idx] if state.recorder and policy.needs_queries else None
+            penalty = state.tracker.penalty(positions) if policy.needs_sentences else None
             layer_state = LayerState(
-                keys=layer.keys,
-                values=layer.values,
-                queries=state.recorder.queries[layer_idx] if state.recorder and policy.needs_queries else None,
-                positions=positions,
-                accumulated=layer.attention[:, :, : layer.length] if layer.attention is not None else None,
-                penalty=state.tracker.penalty(positions) if policy.needs_sentences else None,
+                keys=layer.keys[due_index],
+                values=layer.values[due_index],
+                queries=queries[due_index] if queries is not None else None,
+                positions=positions[due_index],
+                accumulated=layer.attention[due_index, :, :length] if layer.attention is not None else None,
+                penalty=penalty[due_index] if penalty is not None else None,
             )
-            layer.compact(policy.keep_indices(layer_state))
-        real_after = (cache.layers[0].positions[:, 0, : cache.length] >= 0).sum(dim=-1)
-        state.tokens_evicted += (real_before - real_after).cpu()
-        state.compressions += 1
+            chosen = policy.keep_indices(layer_state)
+
+            # Slot indices per row, right-aligned; index 0 fills the masked front.
+            index = torch.zeros((state.batch_size, positions.shape[1], new_length), dtype=torch.long, device=self.device)
+            filler = torch.ones((state.batch_size, new_length), dtype=torch.bool, device=self.device)
+            for row in range(state.batch_size):
+                count = int(kept[row])
+                filler[row, new_length - count :] = False
+                if due[row]:
+                    index[row, :, new_length - count :] = chosen[due_rows.index(row)]
+                else:
+                    index[row, :, new_length - count :] = torch.arange(padding[row], length, device=self.device)
+            layer.compact(index, filler)
+
+        state.tokens_evicted += state.real_cached - kept
+        state.compressions += due.long()
+        state.real_cached = kept
         if state.tracker is not None:
             num_positions = state.padded_length + self.generation.max_new_tokens
             state.tracker.record_cache(step, cache.present_positions(num_positions))
+        state.compression_time_s += time.perf_counter() - started
 
     def _decode_allowed(self, state: _BatchState) -> torch.Tensor:
         """Return (batch, slots + 1) bool: which cached slots and the new token each row attends to."""
@@ -374,7 +419,8 @@ class Engine:
                 "kv_bytes_allocated": state.cache.capacity * per_slot,
                 "full_kv_bytes": (len(prompt) + len(tokens)) * per_slot,
                 "time_s": round(elapsed, 4),
-                "compressions": state.compressions,
+                "compressions": int(state.compressions[row]),
+                "compression_time_s": round(state.compression_time_s, 4),
                 "tokens_evicted": int(state.tokens_evicted[row]),
                 "sentences_flagged": 0,
                 "sentences_evicted": 0,
