@@ -244,7 +244,7 @@ class Engine:
         state.real_cached = state.prompt_lengths.cpu().clone()
         due = self._due_rows(state, after_prefill=True)
         if bool(due.any()):
-            self._compress(state, due, step=0)
+            self._compress(state, due, torch.zeros_like(due), step=0)
 
         generated: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
@@ -275,7 +275,7 @@ class Engine:
             # 4. Cut the cache back to the budget when it is full.
             due = self._due_rows(state, after_prefill=False)
             if bool(due.any()):
-                self._compress(state, due, step=step + 1)
+                self._compress(state, due, finished, step=step + 1)
 
             # 5. One forward for the token of each row at its real position.
             if state.steering is not None:
@@ -317,59 +317,72 @@ class Engine:
             due |= state.real_cached > budget
         return due
 
-    def _compress(self, state: _BatchState, due: torch.Tensor, step: int) -> None:
+    def _compress(self, state: _BatchState, due: torch.Tensor, finished: torch.Tensor, step: int) -> None:
         """Cut the due rows back to the budget; other rows keep every real token.
+
+        Finished rows only keep their most recent tokens: nothing reads their
+        cache again, so scoring them would be wasted work.
 
         Rows then hold different numbers of tokens, so each row is left-filled
         with masked slots up to the longest. The slot length never exceeds
         budget + interval: the row with no masked slots is the one that
         reaches that many real tokens first.
         """
-        from skipkv_cli.policies import LayerState
-
         started = time.perf_counter()
-        policy = self.compression.policy
+        budget = self.compression.policy.budget
         cache = state.cache
-        due_rows = due.nonzero().flatten().tolist()
-        kept = torch.where(due, torch.full_like(state.real_cached, policy.budget), state.real_cached)
+        length = cache.length
+        scored = due & ~finished
+        scored_index = scored.nonzero().flatten().to(self.device)
+        kept = torch.where(due, torch.full_like(state.real_cached, budget), state.real_cached)
         new_length = int(kept.max())
+
+        # Slot indices per row, right-aligned; index 0 fills the masked front.
+        # Rows not due keep all real slots, finished rows their last `budget`.
         padding = cache.padding_slots().tolist()
-        due_index = torch.tensor(due_rows, device=self.device)
+        index = torch.zeros((state.batch_size, new_length), dtype=torch.long, device=self.device)
+        filler = torch.ones((state.batch_size, new_length), dtype=torch.bool, device=self.device)
+        for row in range(state.batch_size):
+            count = int(kept[row])
+            first = length - count if due[row] else padding[row]
+            index[row, new_length - count :] = torch.arange(first, length, device=self.device)
+            filler[row, new_length - count :] = False
+        index = index[:, None, :].expand(-1, self.shape.num_key_value_heads, -1)
 
         for layer_idx, layer in enumerate(cache.layers):
-            length = layer.length
-            positions = layer.positions[:, :, :length]
-            queries = state.recorder.queries[layer_idx] if state.recorder and policy.needs_queries else None
-            penalty = state.tracker.penalty(positions) if policy.needs_sentences else None
-            layer_state = LayerState(
-                keys=layer.keys[due_index],
-                values=layer.values[due_index],
-                queries=queries[due_index] if queries is not None else None,
-                positions=positions[due_index],
-                accumulated=layer.attention[due_index, :, :length] if layer.attention is not None else None,
-                penalty=penalty[due_index] if penalty is not None else None,
-            )
-            chosen = policy.keep_indices(layer_state)
+            layer_index = index
+            if len(scored_index):
+                layer_index = index.clone()
+                layer_index[scored_index, :, new_length - budget :] = self._score_rows(state, layer_idx, scored_index)
+            layer.compact(layer_index, filler)
 
-            # Slot indices per row, right-aligned; index 0 fills the masked front.
-            index = torch.zeros((state.batch_size, positions.shape[1], new_length), dtype=torch.long, device=self.device)
-            filler = torch.ones((state.batch_size, new_length), dtype=torch.bool, device=self.device)
-            for row in range(state.batch_size):
-                count = int(kept[row])
-                filler[row, new_length - count :] = False
-                if due[row]:
-                    index[row, :, new_length - count :] = chosen[due_rows.index(row)]
-                else:
-                    index[row, :, new_length - count :] = torch.arange(padding[row], length, device=self.device)
-            layer.compact(index, filler)
-
-        state.tokens_evicted += state.real_cached - kept
-        state.compressions += due.long()
+        # Stats count what running rows lose; finished rows are trimmed for room only.
+        state.tokens_evicted += torch.where(finished, 0, state.real_cached - kept)
+        state.compressions += scored.long()
         state.real_cached = kept
         if state.tracker is not None:
             num_positions = state.padded_length + self.generation.max_new_tokens
             state.tracker.record_cache(step, cache.present_positions(num_positions))
         state.compression_time_s += time.perf_counter() - started
+
+    def _score_rows(self, state: _BatchState, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+        """Ask the policy for keep-indices of `rows` in one layer: (len(rows), kv_heads, budget)."""
+        from skipkv_cli.policies import LayerState
+
+        policy = self.compression.policy
+        layer = state.cache.layers[layer_idx]
+        positions = layer.positions[rows, :, : layer.length]
+        queries = state.recorder.queries[layer_idx] if state.recorder and policy.needs_queries else None
+        penalty = state.tracker.penalty(layer.positions[:, :, : layer.length])[rows] if policy.needs_sentences else None
+        layer_state = LayerState(
+            keys=layer.keys[rows],
+            values=layer.values[rows],
+            queries=queries[rows] if queries is not None else None,
+            positions=positions,
+            accumulated=layer.attention[rows, :, : layer.length] if layer.attention is not None else None,
+            penalty=penalty,
+        )
+        return policy.keep_indices(layer_state)
 
     def _decode_allowed(self, state: _BatchState) -> torch.Tensor:
         """Return (batch, slots + 1) bool: which cached slots and the new token each row attends to."""
