@@ -1,17 +1,21 @@
 """Decode speed and KV memory: skipkv's engine vs transformers' `generate`, side by side.
 
-Runs in one process on one batch of identical-length prompts, generating a
-fixed number of tokens (EOS ignored) with:
-  - `generate`: transformers' own loop with its default dynamic cache;
-  - `full`: this engine without eviction;
-  - `skipkv`: this engine with SkipKV eviction (budget, interval below).
-Prints tokens/s over the whole generation, step time around each checkpoint,
-the share of decode time spent compressing, and peak KV bytes, then writes the
-same numbers as JSON.
+Two measurements, in one process, on one batch of identical prompts, EOS ignored:
+
+1. Whole generations of --new-tokens tokens with `generate` (transformers'
+   own loop, default dynamic cache), `full` (this engine, no eviction) and
+   `skipkv` (this engine, SkipKV at --budget/--interval): tokens/s, step time
+   around each checkpoint, share of time spent compressing, peak KV bytes.
+2. With --context-lengths: step time of `generate` and `full` with that many
+   tokens already cached (a prompt of that length, then --probe-steps decode
+   steps). A decode step costs the same whether the cached tokens came from
+   the prompt or from generation, so this gives the step time at 2k or 4k
+   generated tokens without generating them.
 
 Example (the numbers on docs/benchmarks.md):
     python benchmarks/decode_speed.py --model qwen2.5-coder-0.5b --batch-size 8 \
-        --new-tokens 1024 --checkpoints 256,512,1024 --json bench.json
+        --new-tokens 1024 --checkpoints 512,1024 --context-lengths 512,1024,2048,4096 \
+        --json bench.json
 """
 
 from __future__ import annotations
@@ -106,6 +110,24 @@ def run_engine(model, tokenizer, prompts, new_tokens, checkpoints, method, budge
     }
 
 
+def probe_contexts(loaded, args) -> dict:
+    """Step time in ms of `generate` and `full` with N tokens cached, for each N."""
+    tokenizer = loaded.tokenizer
+    filler = tokenizer(PROMPT * 400)["input_ids"]
+    result = {"generate": {}, "full": {}}
+    for length in [int(n) for n in args.context_lengths.split(",")]:
+        prompts = [filler[:length] for _ in range(args.batch_size)]
+        steps = args.probe_steps
+        run = run_generate(loaded.model, prompts, steps + 1, tokenizer.pad_token_id, [steps])
+        result["generate"][length] = run["step_ms"].get(steps)
+        engine = Engine(loaded.model, tokenizer, GenerationConfig(max_new_tokens=steps + 1, ignore_eos=True))
+        stamps: list[float] = []
+        engine.generate(prompts, on_step=lambda tokens, kv_bytes: stamps.append(time.perf_counter()))
+        result["full"][length] = step_times_ms(stamps, [steps], span=steps - 1).get(steps)
+        print(length, result["generate"][length], result["full"][length], flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -116,6 +138,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--interval", type=int, default=128)
     parser.add_argument("--runs", default="generate,full,skipkv", help="comma separated: generate, full, or a method")
+    parser.add_argument("--context-lengths", default="", help="cached-token counts to probe, comma separated")
+    parser.add_argument("--probe-steps", type=int, default=12, help="decode steps timed per context length")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
 
@@ -149,6 +173,10 @@ def main() -> None:
                 loaded.model, tokenizer, prompts, args.new_tokens, checkpoints, name, args.budget, args.interval
             )
         print(name, json.dumps(report["runs"][name]), flush=True)
+
+    if args.context_lengths:
+        report["step_ms_at_context"] = probe_contexts(loaded, args)
+        print("step_ms_at_context", json.dumps(report["step_ms_at_context"]), flush=True)
 
     base = report["runs"].get("generate")
     if base:
