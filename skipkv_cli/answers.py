@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from typing import Any
 
@@ -50,23 +50,26 @@ def extract_answer(text: str) -> str | None:
     return _last_number(text)
 
 
-def reference_answer(answer: Any) -> str:
+def reference_answer(answer: Any) -> str | None:
     """Return the reference answer of a record as a string math-verify can parse.
 
     A GSM8K answer ("...reasoning... #### 1,234") becomes the text after the
     last "####" without thousands separators ("1234"). JSON numbers become their
-    decimal text, other strings are stripped, and lists or objects become JSON.
+    decimal text, booleans "true" or "false", and other strings are stripped.
+    Returns None when `answer` is not a usable reference: null, an array, an
+    object, NaN or Infinity, or a string that is empty after this processing.
     """
     if isinstance(answer, bool):
         return str(answer).lower()
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return None
     if isinstance(answer, (int, float)):
         return str(answer)
-    if isinstance(answer, str):
-        if _GSM8K_MARKER in answer:
-            final = answer.rsplit(_GSM8K_MARKER, 1)[1].strip()
-            return _drop_thousands_separators(final)
-        return answer.strip()
-    return json.dumps(answer, ensure_ascii=False)
+    if not isinstance(answer, str):
+        return None
+    if _GSM8K_MARKER in answer:
+        answer = _drop_thousands_separators(answer.rsplit(_GSM8K_MARKER, 1)[1].strip())
+    return answer.strip() or None
 
 
 def is_correct(predicted: str | None, reference: str) -> bool:

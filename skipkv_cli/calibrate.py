@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import datetime
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -390,6 +391,8 @@ def calibrate_command(
     model: Annotated[
         str | None,
         typer.Option(
+            "-m",
+            "--model",
             help="Model alias, local directory, .gguf file or hub id. Default: the model recorded in "
             "OUT.run.json with --from-outputs, else qwen2.5-coder-1.5b.",
             show_default=False,
@@ -429,8 +432,12 @@ def calibrate_command(
         int, typer.Option(min=1, help="Minimum number of execution and of non-execution thoughts (count each).")
     ] = 20,
     quiet: Annotated[bool, typer.Option(help="Hide progress and loading messages; the summary table still prints.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
-    """Build a steering vector from the model's own reasoning: mean(non-execution) - mean(execution) thought states."""
+    """Build a steering vector from the model's own reasoning: mean(non-execution) - mean(execution) thought states.
+
+    Exits with code 2 on every error, as `skipkv run` does.
+    """
     errors = Console(stderr=True)
     try:
         _calibrate(
@@ -453,11 +460,12 @@ def calibrate_command(
             keywords_path=keywords,
             min_per_class=min_per_class,
             quiet=quiet,
+            overwrite=overwrite,
             console=errors,
         )
     except (CalibrationError, SteeringError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(code=1) from None
+        raise typer.Exit(code=2) from None
 
 
 def _calibrate(
@@ -475,6 +483,7 @@ def _calibrate(
     min_per_class,
     quiet,
     console: Console,
+    overwrite: bool = False,
 ) -> None:
     from skipkv_cli.models import DEFAULT_MODEL, ModelError, load_model
     from skipkv_cli.records import DEFAULT_SYSTEM_PROMPT, InputError, read_records
@@ -484,11 +493,13 @@ def _calibrate(
             console.print(message, soft_wrap=True)
 
     # 1. Check every option and input file before loading the model.
-    if output.suffix != ".safetensors":
-        raise CalibrationError(f"output file {output} must end in .safetensors")
-    if not output.parent.is_dir():
-        raise CalibrationError(f"directory {output.parent} of the output file does not exist: create it first")
+    _check_output(output, overwrite, [input_path, from_outputs])
     keywords = load_keywords(keywords_path)
+    if from_outputs is not None and not from_outputs.is_file():
+        problem = "is a directory" if from_outputs.is_dir() else "not found"
+        raise CalibrationError(
+            f"--from-outputs file {from_outputs} {problem}: pass the OUT.jsonl that `skipkv run` wrote"
+        )
 
     run_info = _read_run_info(from_outputs) if from_outputs is not None else None
     prompts_path = _resolve_sources(input_path, from_outputs, run_info)
@@ -548,4 +559,33 @@ def _calibrate(
 
     vector.metadata["source"] = str(from_outputs) if from_outputs is not None else f"generated from {prompts_path}"
     vector.save(output)
+    # safetensors 0.8 writes through a temporary file with mode 0600. A
+    # steering vector is no secret, so it gets the mode of any new file.
+    output.chmod(0o666 & ~_current_umask())
     _print_summary(Console(), vector, output)
+
+
+def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> None:
+    """Raise CalibrationError when the vector cannot be written to `output`."""
+    if output.suffix != ".safetensors":
+        raise CalibrationError(f"output file {output} must end in .safetensors")
+    if not output.parent.is_dir():
+        raise CalibrationError(f"directory {output.parent} of the output file does not exist: create it first")
+    if output.is_dir():
+        raise CalibrationError(f"output path {output} is a directory: pass a file name with -o")
+    if not output.exists():
+        return
+    for input_path in inputs:
+        if input_path is not None and input_path.exists() and output.samefile(input_path):
+            raise CalibrationError(f"output file {output} is an input file: choose another output with -o")
+    if not overwrite:
+        raise CalibrationError(
+            f"output file {output} already exists: pass --overwrite to replace it, or choose another file with -o"
+        )
+
+
+def _current_umask() -> int:
+    # os.umask sets and returns the mask, so reading it means setting it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -261,6 +262,11 @@ def load_model(
     warnings and the bar it draws while converting a GGUF file.
     Raises ModelError with the cause and the fix when the model cannot be loaded.
     """
+    if not spec.strip():
+        raise ModelError(
+            f"model name is empty: pass a bundled alias ({_alias_list()}), a local model directory, "
+            "a .gguf file or a Hugging Face hub id"
+        )
     started = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -429,7 +435,11 @@ def _load_copy(copy_dir: Path, sha256: str, dtype: torch.dtype, say):
 
 
 def _convert_gguf(path: Path, dtype: torch.dtype, say: Callable[[str], None], name: str):
-    """Load a GGUF file as a dense model in `dtype`, ready to save as safetensors."""
+    """Load a GGUF file as a dense model in `dtype`, ready to save as safetensors.
+
+    Raises ModelError naming the file when it cannot be read or converted.
+    """
+    _check_gguf_readable(path)
     say(f"Converting {name} to {_dtype_name(dtype)} (first use only)")
     # Dequantize every weight at load time: the engine and save_pretrained need
     # plain tensors, not GGUF blocks.
@@ -443,18 +453,62 @@ def _convert_gguf(path: Path, dtype: torch.dtype, say: Callable[[str], None], na
                 path.parent, dtype=dtype, quantization_config=GgufConfig(dequantize=True), **options
             )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **options)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelError(
-            f"Failed to read the GGUF file {path}: {error}. Check that it is a complete "
-            "GGUF model file of an architecture that transformers "
-            f"{transformers.__version__} supports."
-        ) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a corrupt file can fail anywhere in the GGUF reader
+        raise ModelError(_unreadable_gguf_message(path, error)) from None
 
     # transformers refuses to save a model that still has its GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
+
+
+def _check_gguf_readable(path: Path) -> None:
+    """Parse the header and tensor table of a GGUF file, and check that every tensor's data is in the file.
+
+    Raises ModelError naming the file when it is truncated or corrupt. This
+    reads no tensor data, so it fails in milliseconds where a conversion
+    would fail minutes later.
+    """
+    try:
+        # NOTE: GgufHeader is the GGUF reader of transformers 5.25, not a public
+        # API. Without it the check is skipped and conversion errors still
+        # become ModelError.
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:
+        return
+    try:
+        header = GgufHeader.from_file(str(path))
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - struct.error, ValueError, KeyError, UnicodeDecodeError and more
+        raise ModelError(_unreadable_gguf_message(path, error)) from None
+
+    size = path.stat().st_size
+    for tensor in header.tensors:
+        end = header.data_start + tensor.offset + tensor.nbytes
+        if end > size:
+            raise ModelError(
+                f"{path} is not a readable GGUF file: it is truncated, because tensor {tensor.name} ends at "
+                f"byte {end} but the file has {size} bytes. Copy or download the file again."
+            )
+
+
+def _unreadable_gguf_message(path: Path, error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    detail = lines[0].rstrip(".!") if lines else ""
+    if isinstance(error, struct.error):
+        reason = f"the file is truncated or corrupt ({detail})"
+    elif isinstance(error, ValueError) and detail:
+        reason = detail
+    else:
+        reason = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    return (
+        f"{path} is not a readable GGUF file: {reason}. Check that it is a complete GGUF model file "
+        f"of an architecture that transformers {transformers.__version__} supports."
+    )
 
 
 def _save_copy(model, tokenizer, copy_dir: Path, sha256: str, source: str, say) -> bool:

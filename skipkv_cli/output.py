@@ -8,6 +8,7 @@ parameters of the run, which a resumed run must match, and the totals.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ __all__ = [
     "FINISH_REASONS",
     "OutputError",
     "OutputWriter",
+    "check_output_path",
     "comparable_params",
     "default_output_path",
     "format_output_line",
@@ -43,6 +45,30 @@ class OutputError(Exception):
 def default_output_path(input_path: Path) -> Path:
     """Return "<input stem>.out.jsonl", relative to the current directory."""
     return Path(f"{Path(input_path).stem}.out.jsonl")
+
+
+def check_output_path(output_path: Path, input_path: Path | str | None) -> None:
+    """Raise OutputError when `output_path` cannot be the output of a run that reads `input_path`.
+
+    The output must be a file name ending in ".jsonl", so that its run record
+    (OUT.run.json) cannot be the run record of another output. Neither the
+    output nor its run record may be the input file.
+    """
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise OutputError(f"output path {output_path} is a directory: pass a file name with -o")
+    if not output_path.name.endswith(".jsonl") or output_path.name == ".jsonl":
+        raise OutputError(f"output file must end in .jsonl: got {output_path}")
+    if not input_path or not Path(input_path).exists():
+        return
+    if output_path.exists() and os.path.samefile(output_path, input_path):
+        raise OutputError(f"output file {output_path} is the input file: choose another output with -o")
+    sidecar = run_info_path(output_path)
+    if sidecar.exists() and os.path.samefile(sidecar, input_path):
+        raise OutputError(
+            f"the run record {sidecar} of output {output_path} would overwrite the input file: "
+            "choose another output with -o"
+        )
 
 
 def run_info_path(output_path: Path) -> Path:
@@ -93,20 +119,34 @@ def format_output_line(
 def comparable_params(run_info: dict) -> dict:
     """Select the parts of a run record that must match for a run to be resumed.
 
-    These are the method, the parameters except `limit` (a resumed run may
-    process more records), the steering settings and the model identity
-    (path, sha256, revision, dtype). The command line, device, versions and
-    times are left out.
+    These are the input file as an absolute path, the method, the parameters
+    except `limit` (a resumed run may process more records), the steering
+    settings and the model identity (path, sha256, revision, dtype). The
+    command line, device, versions and times are left out.
     """
     params = dict(run_info.get("params") or {})
     params.pop("limit", None)
     model = run_info.get("model") or {}
     return {
+        "input": _absolute_input(run_info.get("input")),
         "method": run_info.get("method"),
         "params": params,
         "steering": run_info.get("steering"),
         "model": {key: model.get(key) for key in _COMPARED_MODEL_FIELDS},
     }
+
+
+def _absolute_input(input_path: Any) -> Any:
+    """Resolve an input path to an absolute path with symlinks resolved.
+
+    OutputWriter stores the input already resolved. A relative path in a
+    run record of an older version is resolved against the current directory,
+    which is right only when the run is resumed from the directory it was
+    started in.
+    """
+    if not isinstance(input_path, str) or not input_path:
+        return input_path
+    return str(Path(input_path).resolve())
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -180,13 +220,30 @@ def _is_number(value: Any) -> bool:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write `data` to `path` through a temporary file, so readers never see half a file."""
+    """Write `data` to `path` through a temporary file, so readers never see half a file.
+
+    Raises ValueError when `data` contains NaN or Infinity, before the file is touched.
+    """
+    text = json.dumps(data, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+    _write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` through a temporary file in the same folder.
+
+    The new file gets the mode of the file it replaces, or 0666 less the umask
+    for a new file, because mkstemp creates its file with mode 0600.
+    """
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o666 & ~_current_umask()
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
@@ -194,21 +251,71 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _current_umask() -> int:
+    # os.umask sets and returns the mask, so reading it means setting it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _non_finite_path(value: Any, path: str = "") -> str | None:
+    """Return the dotted path of the first NaN or Infinity float inside `value`, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the value itself)"
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for item_path, item in items:
+        found = _non_finite_path(item, item_path)
+        if found is not None:
+            return found
+    return None
+
+
+def _encode_line(line: dict) -> bytes:
+    """Serialize one output line as compact JSON in UTF-8, ending in a newline.
+
+    Raises OutputError when the line contains NaN or Infinity, or a string
+    that UTF-8 cannot encode, because the line would not be valid JSON in UTF-8.
+    """
+    try:
+        # ensure_ascii=False keeps non-ASCII text readable in the file.
+        text = json.dumps(line, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return (text + "\n").encode("utf-8")
+    except ValueError as error:
+        non_finite = _non_finite_path(line)
+        if isinstance(error, UnicodeEncodeError):
+            reason = f"contains a string that is not valid UTF-8 ({error.reason})"
+        elif non_finite is not None:
+            reason = f"contains NaN or Infinity at {non_finite}, which JSON cannot represent"
+        else:
+            reason = f"cannot be encoded as JSON ({error})"
+        raise OutputError(
+            f"the output line of id {line.get('id')!r} {reason}, so its batch was not written. "
+            "This is a bug in skipkv: please report it with the input line."
+        ) from None
+
+
 class OutputWriter:
     """Append sample lines to OUT.jsonl and keep OUT.run.json up to date.
 
-    A new run truncates OUT.jsonl (only with `overwrite` when it exists) and
-    writes the run record with "finished": null. With `resume`, the lines
-    already in OUT.jsonl are kept, their ids go to `done_ids`, and an
-    incomplete last line left by a killed run is cut off. Error lines count
-    as done too, so resuming does not retry them. A resumed run must
-    have the same `comparable_params` as the stored run record. It keeps the
-    original "started" time and appends its own start time to "resumed".
-    `resume` on an output that does not exist starts a new run.
+    The output path must end in ".jsonl" (see `check_output_path`). A new run
+    truncates OUT.jsonl (only with `overwrite` when it exists) and writes the
+    run record with "finished": null. With `resume`, the lines already in
+    OUT.jsonl are kept, their ids go to `done_ids`, and an incomplete last
+    line left by a killed run is cut off. Lines with finish_reason "error" are
+    not done: resuming removes them from OUT.jsonl (rewriting it atomically)
+    and leaves their ids out of `done_ids`, so the run retries them. A resumed
+    run must have the same `comparable_params` as the stored run record. It
+    keeps the original "started" time and appends its own start time to
+    "resumed". `resume` on an output that does not exist starts a new run.
 
     `run_info` is the run record without "started", "finished" and "totals",
-    which the writer sets. Raises OutputError for every rejected or failed
-    file operation.
+    which the writer sets. Its "input" is stored as an absolute path. Raises
+    OutputError for every rejected or failed file operation.
     """
 
     def __init__(self, path: Path, run_info: dict, *, resume: bool = False, overwrite: bool = False):
@@ -216,11 +323,12 @@ class OutputWriter:
         self.run_info_path = run_info_path(self.path)
         self.done_ids: set[str] = set()  # str(id) of the samples already in the output
         self._handle = None
-        self._writer = None
 
         if resume and overwrite:
             raise OutputError("--resume and --overwrite exclude each other: pass only one of them")
-        self._check_path(run_info)
+        check_output_path(self.path, run_info.get("input"))
+        if run_info.get("input"):
+            run_info = {**run_info, "input": _absolute_input(run_info["input"])}
         if self.path.exists() and not (resume or overwrite):
             raise OutputError(
                 f"output file {self.path} already exists: pass --resume to continue that run, "
@@ -239,11 +347,9 @@ class OutputWriter:
         self._save_run_info()
 
         try:
-            self._handle = self.path.open("a", encoding="utf-8")
+            self._handle = self.path.open("ab")
         except OSError as error:
             raise OutputError(f"cannot open {self.path} for writing: {error.strerror}") from None
-        # jsonlines writes with ensure_ascii=False, so non-ASCII text stays readable.
-        self._writer = jsonlines.Writer(self._handle, compact=True)
 
     def _prepare_resume(self, run_info: dict) -> tuple[dict, dict]:
         """Check the stored run against `run_info`, cut off an incomplete last line, return the record and base totals."""
@@ -255,8 +361,12 @@ class OutputWriter:
                 + "\n  ".join(differences)
                 + "\nPass --overwrite to replace it, or choose a new output file with -o."
             )
-        kept_lines, keep_bytes = self._read_existing_lines()
-        self._cut_to(keep_bytes)
+        kept_lines, kept_bytes, complete_bytes = self._read_existing_lines()
+        if len(kept_bytes) == complete_bytes:
+            # Only an incomplete last line, if any, has to go.
+            self._cut_to(complete_bytes)
+        else:
+            self._rewrite(kept_bytes)
 
         info = dict(run_info)
         info["started"] = previous.get("started")
@@ -283,14 +393,6 @@ class OutputWriter:
         info.pop("resumed", None)
         return info, _empty_totals()
 
-    def _check_path(self, run_info: dict) -> None:
-        if self.path.is_dir():
-            raise OutputError(f"output path {self.path} is a directory: pass a file name with -o")
-        input_path = run_info.get("input")
-        if input_path and self.path.exists() and Path(input_path).exists():
-            if os.path.samefile(self.path, input_path):
-                raise OutputError(f"output file {self.path} is the input file: choose another output with -o")
-
     def _read_previous_run_info(self) -> dict:
         try:
             text = self.run_info_path.read_text(encoding="utf-8")
@@ -313,13 +415,14 @@ class OutputWriter:
             raise OutputError(f"{self.run_info_path} does not contain a JSON object, so {self.path} cannot be resumed")
         return previous
 
-    def _read_existing_lines(self) -> tuple[list[dict], int]:
+    def _read_existing_lines(self) -> tuple[list[dict], bytes, int]:
         """Read the sample lines of the output to resume.
 
-        Returns the valid lines and the byte length of the file part that contains
-        them. A last line without its newline, or an invalid last line, is left
-        out, because a killed run can leave one. Raises OutputError on an
-        invalid line before the last one.
+        Returns the lines to keep, their bytes as in the file, and the byte
+        length of the file part up to the last valid line. A last line without
+        its newline, or an invalid last line, is left out, because a killed run
+        can leave one. Lines with finish_reason "error" are left out, so they
+        are retried. Raises OutputError on an invalid line before the last one.
         """
         try:
             data = self.path.read_bytes()
@@ -330,7 +433,8 @@ class OutputWriter:
         # was written, so it is dropped even when it parses.
         complete = data.split(b"\n")[:-1]
         lines: list[dict] = []
-        keep_bytes = 0
+        kept = bytearray()
+        complete_bytes = 0
         reader = jsonlines.Reader(complete, loads=json.loads)
         for number, raw in enumerate(complete, start=1):
             try:
@@ -352,10 +456,20 @@ class OutputWriter:
                     f"{self.path}:{number}: {reason}, so the file cannot be resumed. "
                     "Fix or delete that line, or pass --overwrite to start again."
                 )
+            complete_bytes += len(raw) + 1
+            if line.get("finish_reason") == "error":
+                continue
             lines.append(line)
             self.done_ids.add(str(line["id"]))
-            keep_bytes += len(raw) + 1
-        return lines, keep_bytes
+            kept += raw + b"\n"
+        return lines, bytes(kept), complete_bytes
+
+    def _rewrite(self, data: bytes) -> None:
+        """Replace the output file with `data` atomically."""
+        try:
+            _write_bytes_atomic(self.path, data)
+        except OSError as error:
+            raise OutputError(f"cannot write {self.path}: {error.strerror}") from None
 
     def _cut_to(self, size: int) -> None:
         """Truncate the output file to `size` bytes, creating it when missing."""
@@ -371,23 +485,32 @@ class OutputWriter:
             _write_json_atomic(self.run_info_path, self._run_info)
         except OSError as error:
             raise OutputError(f"cannot write {self.run_info_path}: {error.strerror}") from None
+        except ValueError:
+            raise OutputError(
+                f"cannot write {self.run_info_path}: the run record contains NaN or Infinity at "
+                f"{_non_finite_path(self._run_info)}, which JSON cannot represent. "
+                "This is a bug in skipkv: please report it."
+            ) from None
 
     def write(self, lines: list[dict]) -> None:
         """Append the lines of one batch, sync them to disk and update the run record.
 
         Call it once per batch: the largest stats.time_s of the lines is added to
         the running time, because every sample of a batch carries the batch's
-        wall time. Raises ValueError when an id is already in the output.
+        wall time. Raises ValueError when an id is already in the output, and
+        OutputError before writing anything when a line cannot be encoded as
+        JSON in UTF-8 (see `_encode_line`).
         """
-        if self._writer is None:
+        if self._handle is None:
             raise OutputError(f"{self.path} is closed, so no more lines can be written")
         ids = [str(line["id"]) for line in lines]
         repeated = sorted({key for key in ids if key in self.done_ids or ids.count(key) > 1})
         if repeated:
             raise ValueError(f"ids {repeated} are already in {self.path} or repeated in this batch")
 
+        data = b"".join(_encode_line(line) for line in lines)
         try:
-            self._writer.write_all(lines)
+            self._handle.write(data)
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as error:
@@ -414,9 +537,6 @@ class OutputWriter:
 
     def close(self) -> None:
         """Close the output file. Calling it again does nothing."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
         if self._handle is not None:
             self._handle.close()
             self._handle = None

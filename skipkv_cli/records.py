@@ -9,12 +9,15 @@ unchanged.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHAT_ROLES",
     "DEFAULT_SYSTEM_PROMPT",
     "RESERVED_FIELDS",
     "InputError",
@@ -34,6 +37,14 @@ DEFAULT_SYSTEM_PROMPT = (
 RESERVED_FIELDS = ("output", "finish_reason", "error", "stats")
 
 _KNOWN_FIELDS = ("id", "prompt", "messages", "answer")
+
+# Deepest nesting of arrays and objects accepted in an input line. json.loads
+# accepts up to about the recursion limit (1000 levels), but writing such a
+# record back out from inside the run's call stack raises RecursionError.
+MAX_NESTING_DEPTH = 100
+
+# Roles that chat templates accept in `messages`.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -104,6 +115,13 @@ def _check_messages(messages: Any) -> str | None:
                 return f"'{name}' is missing '{key}'"
             if not isinstance(message[key], str):
                 return f"'{name}.{key}' must be a string, found {_json_type(message[key])}"
+        if message["role"] not in CHAT_ROLES:
+            # json.dumps escapes non-ASCII, so even a lone surrogate prints.
+            return f"'{name}.role' must be one of {', '.join(CHAT_ROLES)}, found {json.dumps(message['role'])}"
+        if not message["content"].strip():
+            return f"'{name}.content' is empty"
+    if not any(message["role"] == "user" for message in messages):
+        return "'messages' has no message with role 'user'"
     return None
 
 
@@ -144,6 +162,77 @@ def _check_object(obj: Any) -> str | None:
     return None
 
 
+def _field_name(path: list[str | int]) -> str:
+    """Join a key path into "messages[0].content", escaping characters that UTF-8 cannot encode."""
+    name = ""
+    for part in path:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            text = part.encode("utf-8", "backslashreplace").decode("utf-8")
+            name += f".{text}" if name else text
+    return name
+
+
+def _check_values(obj: Any) -> str | None:
+    """Return the reason a decoded line contains a value that the output cannot hold, or None.
+
+    Nesting must not exceed MAX_NESTING_DEPTH. Every key and string must
+    encode as UTF-8: JSON escapes such as "\\ud800"
+    decode to lone surrogates, which cannot be written to the output file or
+    sent to the tokenizer. Floats must be finite: json.loads accepts NaN,
+    Infinity and numbers such as 1e400 that overflow to infinity, but JSON
+    cannot represent them.
+    """
+    # An explicit stack, because json.loads accepts nesting as deep as the
+    # recursion limit, which a recursive walk would then exceed.
+    stack: list[tuple[Any, list[str | int]]] = [(obj, [])]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_NESTING_DEPTH:
+            return f"arrays or objects are nested deeper than {MAX_NESTING_DEPTH} levels"
+        if isinstance(value, str):
+            reason = _check_text(value, f"'{_field_name(path)}'")
+            if reason:
+                return reason
+        elif isinstance(value, float) and not math.isfinite(value):
+            return (
+                f"'{_field_name(path)}' contains NaN or Infinity (or a number too large for a float), "
+                "which JSON output cannot represent"
+            )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                reason = _check_text(key, f"a key in '{_field_name(path)}'" if path else "a key")
+                if reason:
+                    return reason
+                stack.append((item, [*path, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*path, index]) for index, item in enumerate(value))
+    return None
+
+
+def _check_text(text: str, where: str) -> str | None:
+    """Return the reason `text` cannot be encoded as UTF-8, or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        character = text[error.start]
+        return (
+            f"{where} contains the lone surrogate \\u{ord(character):04x}, which is not valid Unicode "
+            "and cannot be written as UTF-8"
+        )
+    return None
+
+
+def _value_error_reason(error: ValueError) -> str:
+    """Describe a ValueError of json.loads that is not a JSONDecodeError."""
+    # Python 3.11 and later raise it for integers longer than the limit of
+    # sys.set_int_max_str_digits (4300 digits by default).
+    if "integer string conversion" in str(error):
+        return f"invalid JSON: an integer has more than {sys.get_int_max_str_digits()} digits"
+    return f"invalid JSON: {error}"
+
+
 def read_records(path: Path) -> tuple[list[Record], list[InvalidLine]]:
     """Read and validate every line of a prompts JSONL file.
 
@@ -156,7 +245,10 @@ def read_records(path: Path) -> tuple[list[Record], list[InvalidLine]]:
     The second line with an id already in use is invalid, and so is a line
     without `id` whose line number is an explicit id of an earlier line.
     A line with a field named in RESERVED_FIELDS is invalid, because the
-    output line stores the generation under those keys.
+    output line stores the generation under those keys. So is a line with a
+    string that UTF-8 cannot encode, a non-finite number, nesting deeper than
+    MAX_NESTING_DEPTH, or an integer longer than Python converts (4300 digits
+    by default).
 
     Returns the valid records in file order and one InvalidLine per rejected
     line. Raises InputError when the file is missing, unreadable, not UTF-8 or
@@ -197,8 +289,15 @@ def read_records(path: Path) -> tuple[list[Record], list[InvalidLine]]:
             except json.JSONDecodeError as error:
                 invalid.append(InvalidLine(path, line, f"invalid JSON: {error.msg} at column {error.colno}"))
                 continue
+            except RecursionError:
+                reason = f"arrays or objects are nested deeper than {MAX_NESTING_DEPTH} levels"
+                invalid.append(InvalidLine(path, line, reason))
+                continue
+            except ValueError as error:
+                invalid.append(InvalidLine(path, line, _value_error_reason(error)))
+                continue
 
-            reason = _check_object(obj)
+            reason = _check_object(obj) or _check_values(obj)
             if reason:
                 invalid.append(InvalidLine(path, line, reason))
                 continue

@@ -151,7 +151,7 @@ def _read_json_lines(path: Path):
     """Yield (line number, JSON object or None, problem or None) for each non-blank line."""
     with path.open("rb") as file:
         lines = _NumberedLines(file)
-        reader = jsonlines.Reader(lines)
+        reader = jsonlines.Reader(lines, loads=_loads_line)
         while True:
             try:
                 value = reader.read(type=dict, skip_empty=True)
@@ -166,6 +166,23 @@ def _read_json_lines(path: Path):
                 yield error.lineno, None, message
                 continue
             yield lines.line_number, value, None
+
+
+def _loads_line(text: str) -> Any:
+    """Decode one JSON line, raising ValueError for nesting too deep to decode.
+
+    jsonlines turns a ValueError of its `loads` into InvalidLineError, so such
+    a line becomes a problem line like any other invalid JSON. Integers longer
+    than Python converts (4300 digits by default) already raise ValueError.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("arrays or objects are nested too deeply to decode") from None
+    except ValueError as error:
+        if "integer string conversion" in str(error):
+            raise ValueError(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
+        raise
 
 
 class _NumberedLines:
@@ -194,20 +211,39 @@ def _record_problem(record: dict) -> str | None:
     for key in _INT_STATS:
         value = stats.get(key)
         if value is not None and not _is_int(value):
-            return f"record id {sample_id!r}: stats.{key} is {value!r}, not an integer; left out of every row"
+            return f"record id {sample_id!r}: stats.{key} {_stat_problem(value, 'an integer')}; left out of every row"
     for key in _FLOAT_STATS:
         value = stats.get(key)
         if value is not None and not _is_number(value):
-            return f"record id {sample_id!r}: stats.{key} is {value!r}, not a number; left out of every row"
+            return f"record id {sample_id!r}: stats.{key} {_stat_problem(value, 'a number')}; left out of every row"
     return None
 
 
+def _stat_problem(value: Any, expected: str, limit: int = 40) -> str:
+    """Describe why a stats value is unusable: "is 'x', not an integer", with long values shortened."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "is an integer too large to convert to a float"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"is {text}, not {expected}"
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Check for a JSON integer that also converts to a finite float, as the row arithmetic needs."""
+    return isinstance(value, int) and not isinstance(value, bool) and _is_finite(value)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and _is_finite(value)
+
+
+def _is_finite(value: int | float) -> bool:
+    # math.isfinite converts an int to float, which raises OverflowError above about 1.8e308.
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _load_sidecar(path: Path) -> tuple[dict | None, str | None]:
@@ -308,7 +344,7 @@ def summarize(runs: list[Run], baseline: int = 0) -> Summary:
     ordered_ids = _ordered_union(runs, baseline)
     common_ids = [key for key in ordered_ids if all(key in ids for ids in by_id)]
     missing_ids = [[key for key in ordered_ids if key not in ids] for ids in by_id]
-    scored_ids = [key for key in common_ids if all("answer" in ids[key] for ids in by_id)]
+    scored_ids = [key for key in common_ids if all(_reference(ids[key]) is not None for ids in by_id)]
 
     samples = _score_samples(runs, by_id, ordered_ids)
     rows = [*_stats_rows(runs), *_accuracy_rows(samples, scored_ids, len(runs))]
@@ -349,8 +385,8 @@ def _score_samples(runs: list[Run], by_id: list[dict[str, dict]], ordered_ids: l
             output = record.get("output")
             answer = extract_answer(output) if isinstance(output, str) else None
             correct = None
-            if "answer" in record:
-                run_reference = reference_answer(record["answer"])
+            run_reference = _reference(record)
+            if run_reference is not None:
                 reference = reference if reference is not None else run_reference
                 correct = is_correct(answer, run_reference)
             results.append(
@@ -363,6 +399,11 @@ def _score_samples(runs: list[Run], by_id: list[dict[str, dict]], ordered_ids: l
             )
         samples.append(SampleRow(id=key, reference=reference, runs=results))
     return samples
+
+
+def _reference(record: dict) -> str | None:
+    """Return the usable reference answer of an output line, or None (see `reference_answer`)."""
+    return reference_answer(record["answer"]) if "answer" in record else None
 
 
 def _stats_rows(runs: list[Run]) -> list[Row]:
@@ -523,8 +564,12 @@ def _notes(
     for run in runs:
         if run.sidecar_problem is not None:
             notes.append(f"{run.path}: {run.sidecar_problem}.")
-        if run.problems:
-            notes.append(f"{run.path}: {len(run.problems)} line(s) left out (listed below).")
+        unusable = sum(1 for record in run.records if "answer" in record and _reference(record) is None)
+        if unusable:
+            notes.append(
+                f"{run.path}: {unusable} record(s) have an 'answer' that is not a usable reference "
+                "(null, an array, an object, NaN or empty), so they are not scored."
+            )
     for run, missing in zip(runs, missing_ids):
         if missing:
             listed_ids = ", ".join(missing[:_MAX_LISTED_PER_FILE])
@@ -538,7 +583,7 @@ def _notes(
             "the other rows use every usable record of their run."
         )
     elif not has_reference:
-        notes.append("No record has an answer field, so accuracy is not reported.")
+        notes.append("No record has a usable reference in 'answer', so accuracy is not reported.")
     elif len(scored_ids) < len(common_ids):
         notes.append(f"Accuracy uses the {len(scored_ids)} record(s) with a reference.")
     return notes
@@ -809,9 +854,17 @@ def load_trace(path: Path) -> tuple[dict[str, dict], list[tuple[int, str]]]:
             problems.append((line, "trace line has no id"))
         elif not isinstance(value.get("sentences"), list):
             problems.append((line, f"trace of id {sample_key(value['id'])!r} has no sentences list"))
+        elif (position := _first_non_object(value["sentences"])) is not None:
+            problems.append(
+                (line, f"trace of id {sample_key(value['id'])!r}: sentences[{position}] is not a JSON object")
+            )
         else:
             samples.setdefault(sample_key(value["id"]), value)
     return samples, problems
+
+
+def _first_non_object(items: list) -> int | None:
+    return next((index for index, item in enumerate(items) if not isinstance(item, dict)), None)
 
 
 def _sentence_state(sentence: dict) -> str:
@@ -969,6 +1022,7 @@ def stats_command(
     Records without a stats object, lines that are not JSON and a truncated
     last line are listed with their line numbers and left out. Their ids count
     as missing from that run. Accuracy is computed on the ids present in all runs.
+    Exits with code 1 when a file contains no usable records.
     """
     if json_output is not None and csv_output is not None and str(json_output) == str(csv_output) == "-":
         raise typer.BadParameter("--json and --csv cannot both write to stdout ('-'); give one a file name")
@@ -983,6 +1037,13 @@ def stats_command(
     errors = Console(stderr=True)
 
     runs, baseline_index = _load_runs(outputs, baseline, errors)
+    empty = [run for run in runs if not run.records]
+    if empty:
+        _print_problems(errors, empty)
+        for run in empty:
+            left_out = f" ({len(run.problems)} line(s) left out, listed above)" if run.problems else ""
+            errors.print(f"error: {run.path} contains no records{left_out}", highlight=False, markup=False)
+        raise typer.Exit(code=1)
     summary = summarize(runs, baseline_index)
 
     console.print(render_table(summary))

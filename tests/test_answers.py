@@ -56,7 +56,16 @@ REFERENCE_CASES = [
     (" \\frac{1}{2} ", "\\frac{1}{2}"),
     (18, "18"),
     (2.5, "2.5"),
-    ([1, 2], "[1, 2]"),
+    (True, "true"),
+    # Values that are not a usable reference.
+    (None, None),
+    ([1, 2], None),
+    ({"value": 4}, None),
+    (float("nan"), None),
+    (float("inf"), None),
+    ("", None),
+    ("  ", None),
+    ("#### ", None),
 ]
 
 

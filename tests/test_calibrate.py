@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -229,6 +230,72 @@ def test_command_from_outputs(cli, tmp_path):
     assert f"{float(vector.vector.norm()):.4f}" in result.output
 
 
+def test_command_short_model_option(cli, tmp_path):
+    prompts, outputs = prompts_and_outputs(tmp_path)
+
+    result = cli(prompts, "--from-outputs", outputs, "-o", tmp_path / "v.safetensors", "--min-per-class", 2, "-m", "tiny")
+
+    assert result.exit_code == 0, result.output
+    assert cli.calls == ["tiny"]
+
+
+def test_command_existing_output_needs_overwrite(cli, tmp_path):
+    prompts, outputs = prompts_and_outputs(tmp_path)
+    vector_path = tmp_path / "v.safetensors"
+    vector_path.write_bytes(b"earlier vector")
+    args = [prompts, "--from-outputs", outputs, "-o", vector_path, "--min-per-class", 2, "-m", "tiny"]
+
+    refused = cli(*args)
+
+    assert refused.exit_code == 2
+    assert f"output file {vector_path} already exists: pass --overwrite" in refused.output
+    assert vector_path.read_bytes() == b"earlier vector"
+    assert cli.calls == []
+
+    replaced = cli(*args, "--overwrite")
+
+    assert replaced.exit_code == 0, replaced.output
+    assert SteeringVector.load(vector_path).metadata["num_prompts"] == 4
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
+def test_command_vector_file_mode(cli, tmp_path, umask, mode):
+    prompts, outputs = prompts_and_outputs(tmp_path)
+    vector_path = tmp_path / "v.safetensors"
+
+    previous = os.umask(umask)
+    try:
+        result = cli(prompts, "--from-outputs", outputs, "-o", vector_path, "--min-per-class", 2, "-m", "tiny")
+    finally:
+        os.umask(previous)
+
+    assert result.exit_code == 0, result.output
+    assert vector_path.stat().st_mode & 0o777 == mode
+
+
+def test_command_from_outputs_not_found(cli, tmp_path):
+    prompts, _ = prompts_and_outputs(tmp_path)
+    missing = tmp_path / "nope.jsonl"
+
+    result = cli(prompts, "--from-outputs", missing, "-o", tmp_path / "v.safetensors")
+
+    assert result.exit_code == 2
+    assert f"--from-outputs file {missing} not found" in result.output
+    assert cli.calls == []
+
+
+def test_command_output_is_directory(cli, tmp_path):
+    prompts, _ = prompts_and_outputs(tmp_path)
+    directory = tmp_path / "v.safetensors"
+    directory.mkdir()
+
+    result = cli(prompts, "-o", directory, "--overwrite")
+
+    assert result.exit_code == 2
+    assert "is a directory" in result.output
+    assert cli.calls == []
+
+
 def test_command_from_outputs_uses_run_record(cli, tmp_path):
     prompts, outputs = prompts_and_outputs(tmp_path)
     record = {"input": str(prompts), "model": {"alias": "recorded-model"}, "params": {"system_prompt": None}}
@@ -245,7 +312,7 @@ def test_command_from_outputs_uses_run_record(cli, tmp_path):
 def test_command_from_outputs_needs_prompts(cli, tmp_path):
     _, outputs = prompts_and_outputs(tmp_path)
     result = cli("--from-outputs", outputs, "-o", tmp_path / "v.safetensors")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "needs the prompt file" in result.output
     assert cli.calls == []
 
@@ -254,7 +321,7 @@ def test_command_from_outputs_ids_must_match(cli, tmp_path):
     _, outputs = prompts_and_outputs(tmp_path)
     other = write_jsonl(tmp_path / "other.jsonl", [{"id": "x1", "prompt": "unrelated"}])
     result = cli(other, "--from-outputs", outputs, "-o", tmp_path / "v.safetensors")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "matches a prompt id" in result.output
 
 
@@ -267,11 +334,11 @@ def test_command_rejects_bad_options_before_loading(cli, tmp_path):
     invalid_keywords = cli(prompts, "-o", tmp_path / "v.safetensors", "--keywords", bad_keywords)
     missing_directory = cli(prompts, "-o", tmp_path / "absent" / "v.safetensors")
 
-    assert wrong_suffix.exit_code == 1
+    assert wrong_suffix.exit_code == 2
     assert "must end in .safetensors" in wrong_suffix.output
-    assert invalid_keywords.exit_code == 1
+    assert invalid_keywords.exit_code == 2
     assert "unknown key 'reflection_words'" in invalid_keywords.output
-    assert missing_directory.exit_code == 1
+    assert missing_directory.exit_code == 2
     assert "does not exist" in missing_directory.output
     assert cli.calls == []
 
@@ -279,7 +346,7 @@ def test_command_rejects_bad_options_before_loading(cli, tmp_path):
 def test_command_rejects_layer_out_of_range(cli, tmp_path):
     prompts, outputs = prompts_and_outputs(tmp_path)
     result = cli(prompts, "--from-outputs", outputs, "-o", tmp_path / "v.safetensors", "--layer", 2)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--layer 2 is out of range" in result.output
 
 
@@ -289,7 +356,7 @@ def test_command_generates_and_reports_too_few(cli, tmp_path):
 
     result = cli(prompts, "-o", vector_path, "--max-new-tokens", 6, "--batch-size", 2, "--quiet")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "too few thoughts to calibrate" in result.output
     assert "in 3 responses" in result.output
     assert not vector_path.exists()

@@ -6,9 +6,11 @@ import hashlib
 import importlib
 import json
 import shutil
+import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -258,6 +260,84 @@ def test_directory_without_config_rejected(tmp_path, cache_root):
 def test_missing_gguf_file_rejected(tmp_path, cache_root):
     with pytest.raises(ModelError, match="GGUF file not found"):
         load_model(str(tmp_path / "absent.gguf"), device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["", "   "])
+def test_empty_model_name_rejected(spec, cache_root):
+    with pytest.raises(ModelError) as caught:
+        load_model(spec, device="cpu")
+
+    assert str(caught.value).startswith("model name is empty: pass a bundled alias (")
+
+
+def write_tiny_gguf(path: Path) -> None:
+    """Write a GGUF file with one float32 tensor, which is readable but no complete model."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"GGUF\x03\x00\x00\x00\x05", "the file is truncated or corrupt"),
+        (b"GGUF\x09\x00\x00\x00" + bytes(40), "is GGUF v9"),
+        (b"not a gguf file at all, but long enough to be read", "does not start with the GGUF magic bytes"),
+    ],
+)
+def test_corrupt_gguf_header_rejected(tmp_path, cache_root, content, reason):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    messages = []
+
+    with pytest.raises(ModelError) as caught:
+        load_model(str(path), device="cpu", log=messages.append)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a readable GGUF file: ")
+    assert reason in message
+    # The conversion message appears only for a file that was found readable.
+    assert not any(line.startswith("Converting") for line in messages)
+
+
+def test_truncated_gguf_data_rejected(tmp_path, cache_root):
+    path = tmp_path / "cut.gguf"
+    write_tiny_gguf(path)
+    full_size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-100])
+    messages = []
+
+    with pytest.raises(ModelError) as caught:
+        load_model(str(path), device="cpu", log=messages.append)
+
+    assert str(caught.value) == (
+        f"{path} is not a readable GGUF file: it is truncated, because tensor token_embd.weight ends at "
+        f"byte {full_size} but the file has {full_size - 100} bytes. Copy or download the file again."
+    )
+    assert not any(line.startswith("Converting") for line in messages)
+
+
+def test_gguf_conversion_error_wrapped(tmp_path, cache_root, monkeypatch):
+    # A readable header can still fail later in the GGUF reader, with any exception type.
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+
+    def fail(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(skipkv_models.AutoModelForCausalLM, "from_pretrained", fail)
+
+    with pytest.raises(ModelError) as caught:
+        load_model(str(path), device="cpu")
+
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a readable GGUF file: the file is truncated or corrupt")
+    assert "unpack requires a buffer of 4 bytes" in message
 
 
 def test_missing_path_rejected(tmp_path, cache_root):

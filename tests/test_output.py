@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def test_output_line_rejects_clashing_field():
 def test_comparable_params_selection():
     params = comparable_params(RUN_INFO)
 
-    assert list(params) == ["method", "params", "steering", "model"]
+    assert list(params) == ["input", "method", "params", "steering", "model"]
+    assert params["input"] == str(Path("prompts.jsonl").resolve())
     assert "limit" not in params["params"]
     assert params["params"]["budget"] == 512
     assert params["model"] == {"path": "/models/smollm2", "sha256": "ab12", "revision": None, "dtype": "bfloat16"}
@@ -326,9 +328,12 @@ def test_finish_records_totals(tmp_path):
         "tokens_per_s": 20.0,
         "invalid": ["p.jsonl:3: 'prompt' is empty"],
     }
-    # The record round-trips: every field given by the caller is stored as given.
+    # The record round-trips: every field given by the caller is stored as
+    # given, except the input, which is stored as an absolute path.
     for key, value in RUN_INFO.items():
-        assert stored[key] == value
+        if key != "input":
+            assert stored[key] == value
+    assert stored["input"] == str(Path(RUN_INFO["input"]).resolve())
     # The record was replaced atomically, so no temporary file is left behind.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.jsonl", "out.run.json"]
 
@@ -545,25 +550,143 @@ def test_resume_after_kill_counts_kept_lines(tmp_path):
     assert totals["tokens_per_s"] == 4.0
 
 
-def test_resume_counts_error_lines(tmp_path):
+def error_line(sample_id) -> dict:
+    return {"id": sample_id, "output": "", "finish_reason": "error", "error": "out of memory", "stats": {"batch": 0}}
+
+
+def test_resume_retries_error_lines(tmp_path):
     output = tmp_path / "out.jsonl"
-    error_line = {"id": 2, "output": "", "finish_reason": "error", "error": "out of memory", "stats": {"batch": 0}}
-    killed_run(output, [sample(1, 10, 2.0), error_line])
+    killed_run(output, [sample(1, 10, 2.0), error_line(2), sample(3, 6, 2.0), error_line(4)])
+    output.chmod(0o640)
 
     with OutputWriter(output, run_info(), resume=True) as writer:
         base = read_run_info(output)["totals"]
-        assert base["samples"] == 1
-        assert base["errors"] == 1
-        assert base["generated_tokens"] == 10
-        # An error line counts as done, so a resumed run does not retry it.
-        assert writer.done_ids == {"1", "2"}
-        writer.write([sample(3, 4, 1.0)])
-        writer.finish({"samples": 1, "errors": 0, "generated_tokens": 4, "time_s": 1.0, "device_memory_gib": 3})
+        assert base["samples"] == 2
+        assert base["errors"] == 0
+        assert base["generated_tokens"] == 16
+        # Error lines are not done: they leave the file and are retried.
+        assert writer.done_ids == {"1", "3"}
+        assert read_lines(output) == [sample(1, 10, 2.0), sample(3, 6, 2.0)]
+        writer.write([sample(2, 4, 1.0), error_line(4)])
+        writer.finish({"samples": 1, "errors": 1, "generated_tokens": 4, "time_s": 1.0, "device_memory_gib": 3})
 
+    assert [line["id"] for line in read_lines(output)] == [1, 3, 2, 4]
+    # The atomic rewrite keeps the file's mode and leaves no temporary file.
+    assert output.stat().st_mode & 0o777 == 0o640
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.jsonl", "out.run.json"]
     totals = read_run_info(output)["totals"]
-    assert totals["samples"] == 2
+    assert totals["samples"] == 3
     assert totals["errors"] == 1
-    assert totals["generated_tokens"] == 14
+    assert totals["generated_tokens"] == 20
     assert totals["time_s"] == 3.0
     # Keys the writer does not know are added too when they are numbers.
     assert totals["device_memory_gib"] == 3
+
+
+def test_resume_error_line_then_truncated_tail(tmp_path):
+    output = tmp_path / "out.jsonl"
+    killed_run(output, [error_line(1), sample(2)], tail=b'{"id": 3, "out')
+
+    with OutputWriter(output, run_info(), resume=True) as writer:
+        assert writer.done_ids == {"2"}
+
+    assert output.read_bytes() == (json.dumps(sample(2), separators=(",", ":")) + "\n").encode()
+
+
+def test_resume_with_other_input(tmp_path):
+    output = tmp_path / "out.jsonl"
+    killed_run(output, [sample(1)])
+    before = output.read_bytes()
+    other = tmp_path / "other.jsonl"
+
+    with pytest.raises(OutputError) as caught:
+        OutputWriter(output, run_info(input=str(other)), resume=True)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot resume {output}: it was written with different settings")
+    assert f'input: "{Path("prompts.jsonl").resolve()}" -> "{other}"' in message
+    assert output.read_bytes() == before
+
+
+def test_resume_same_input_other_spelling(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n', encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    monkeypatch.chdir(tmp_path)
+    with OutputWriter(output, run_info(input="prompts.jsonl")) as writer:
+        writer.write([sample(1)])
+
+    # From another directory, a relative path that names the same file still matches.
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    with OutputWriter(output, run_info(input="../prompts.jsonl"), resume=True) as writer:
+        assert writer.done_ids == {"1"}
+
+    assert read_run_info(output)["input"] == str(prompts)
+
+
+@pytest.mark.parametrize("name", ["out.txt", "out", "out.jsonl.bak", ".jsonl"])
+def test_output_must_end_in_jsonl(tmp_path, name):
+    output = tmp_path / name
+
+    with pytest.raises(OutputError) as caught:
+        OutputWriter(output, run_info())
+
+    assert str(caught.value) == f"output file must end in .jsonl: got {output}"
+    assert not output.exists()
+    assert not run_info_path(output).exists()
+
+
+def test_run_record_is_input(tmp_path):
+    prompts = tmp_path / "x.run.json"
+    prompts.write_text('{"prompt": "a"}\n', encoding="utf-8")
+    output = tmp_path / "x.jsonl"
+
+    with pytest.raises(OutputError) as caught:
+        OutputWriter(output, run_info(input=str(prompts)))
+
+    assert str(caught.value) == (
+        f"the run record {prompts} of output {output} would overwrite the input file: choose another output with -o"
+    )
+    assert prompts.read_text(encoding="utf-8") == '{"prompt": "a"}\n'
+    assert not output.exists()
+
+
+def test_write_rejects_nan_stats(tmp_path):
+    output = tmp_path / "out.jsonl"
+    bad = sample(2)
+    bad["stats"]["alpha_final"] = float("nan")
+
+    with OutputWriter(output, run_info()) as writer:
+        writer.write([sample(1)])
+        with pytest.raises(OutputError) as caught:
+            writer.write([sample(3), bad])
+
+    message = str(caught.value)
+    assert message.startswith("the output line of id 2 contains NaN or Infinity at stats.alpha_final")
+    assert "bug" in message
+    # Nothing of the rejected batch reaches the file.
+    assert read_lines(output) == [sample(1)]
+    assert "NaN" not in output.read_text(encoding="utf-8")
+
+
+def test_run_record_rejects_infinity(tmp_path):
+    output = tmp_path / "out.jsonl"
+
+    with OutputWriter(output, run_info()) as writer:
+        with pytest.raises(OutputError, match=r"totals\.time_s, which JSON cannot represent"):
+            writer.finish({"samples": 0, "time_s": float("inf")})
+
+    assert "Infinity" not in run_info_path(output).read_text(encoding="utf-8")
+
+
+def test_run_record_normal_mode(tmp_path):
+    output = tmp_path / "out.jsonl"
+    umask = os.umask(0o027)
+    try:
+        with OutputWriter(output, run_info()):
+            pass
+    finally:
+        os.umask(umask)
+
+    assert run_info_path(output).stat().st_mode & 0o777 == 0o640

@@ -52,6 +52,46 @@ BAD_LINES = [
         "'messages[1].role' must be a string, found the number 1",
     ),
     ('{"messages": [{"role": "user", "content": null}]}', "'messages[0].content' must be a string, found null"),
+    (
+        '{"messages": [{"role": "tool", "content": "x"}]}',
+        "'messages[0].role' must be one of system, user, assistant, found \"tool\"",
+    ),
+    ('{"messages": [{"role": "user", "content": " \\n"}]}', "'messages[0].content' is empty"),
+    (
+        '{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}',
+        "'messages' has no message with role 'user'",
+    ),
+    (
+        '{"prompt": "a\\ud800b"}',
+        "'prompt' contains the lone surrogate \\ud800, which is not valid Unicode and cannot be written as UTF-8",
+    ),
+    (
+        '{"prompt": "a", "meta": {"tags": ["x", "\\udfff"]}}',
+        "'meta.tags[1]' contains the lone surrogate \\udfff, which is not valid Unicode and cannot be written as UTF-8",
+    ),
+    (
+        '{"prompt": "a", "meta": {"\\udc80": 1}}',
+        "a key in 'meta' contains the lone surrogate \\udc80, which is not valid Unicode and cannot be written as UTF-8",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "\\ud83d"}]}',
+        "'messages[0].content' contains the lone surrogate \\ud83d, which is not valid Unicode and cannot be written as UTF-8",
+    ),
+    (
+        '{"prompt": "a", "answer": NaN}',
+        "'answer' contains NaN or Infinity (or a number too large for a float), which JSON output cannot represent",
+    ),
+    (
+        '{"prompt": "a", "meta": [1, -Infinity]}',
+        "'meta[1]' contains NaN or Infinity (or a number too large for a float), which JSON output cannot represent",
+    ),
+    (
+        '{"prompt": "a", "score": 1e400}',
+        "'score' contains NaN or Infinity (or a number too large for a float), which JSON output cannot represent",
+    ),
+    ('{"prompt": "a", "n": ' + "9" * 5000 + "}", "invalid JSON: an integer has more than 4300 digits"),
+    ('{"prompt": "a", "deep": ' + "[" * 101 + "]" * 101 + "}", "arrays or objects are nested deeper than 100 levels"),
+    ("[" * 100_000 + "]" * 100_000, "arrays or objects are nested deeper than 100 levels"),
     ('{"id": true, "prompt": "a"}', "'id' must be a string or an integer, found a boolean"),
     ('{"id": 1.5, "prompt": "a"}', "'id' must be a string or an integer, found the number 1.5"),
     ('{"id": 2.0, "prompt": "a"}', "'id' must be a string or an integer, found the number 2.0"),
@@ -379,5 +419,34 @@ def test_no_chat_template_plain_text(smollm2_tokenizer):
 def test_table_lines_parse_as_json():
     # Guard for the table itself: every line that should be valid JSON is.
     for text, reason in BAD_LINES:
-        if not reason.startswith("invalid JSON"):
+        if not reason.startswith(("invalid JSON", "arrays or objects are nested")):
             json.loads(text)
+
+
+def test_messages_valid_roles_accepted(tmp_path):
+    line = json.dumps(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?"},
+            ]
+        }
+    )
+    path = write_lines(tmp_path, [line])
+
+    records, invalid = read_records(path)
+
+    assert invalid == []
+    assert [message["role"] for message in records[0].messages] == ["system", "user", "assistant", "user"]
+
+
+def test_nesting_at_limit_accepted(tmp_path):
+    # The top-level object plus 100 nested arrays below it.
+    path = write_lines(tmp_path, ['{"prompt": "a", "deep": ' + "[" * 100 + "]" * 100 + "}"])
+
+    records, invalid = read_records(path)
+
+    assert invalid == []
+    assert len(records) == 1

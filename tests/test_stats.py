@@ -485,7 +485,7 @@ def test_render_trace_html_escapes_id():
 
 
 def test_per_sample_reference_not_markup(tmp_path):
-    line = output_line(1, "\\boxed{[1, 2]}", "eos", [1, 2], make_stats(5, 10, 0, 0, 15, 100, 100, 1.0))
+    line = output_line(1, "\\boxed{[1, 2]}", "eos", "[1, 2]", make_stats(5, 10, 0, 0, 15, 100, 100, 1.0))
     path = write_jsonl(tmp_path / "list.jsonl", [line])
 
     result = invoke(str(path), "--per-sample")
@@ -499,3 +499,116 @@ def test_trace_sample_needs_trace(two_runs):
 
     assert result.exit_code == 2
     assert "--trace-sample needs --trace FILE" in result.output
+
+
+def test_unusable_references_not_scored(tmp_path):
+    stats = make_stats(5, 10, 0, 0, 15, 100, 100, 1.0)
+    lines = [
+        output_line(1, "\\boxed{4}", "eos", "4", stats),
+        output_line(2, "\\boxed{null}", "eos", None, stats),
+        output_line(3, "\\boxed{[4]}", "eos", [4], stats),
+        output_line(4, "\\boxed{4}", "eos", {"value": 4}, stats),
+        output_line(5, "\\boxed{4}", "eos", "", stats),
+    ]
+
+    summary = summarize([load_run(write_jsonl(tmp_path / "refs.jsonl", lines))])
+
+    assert summary.scored_ids == ["1"]
+    assert summary.row("scored").values == [1]
+    assert summary.row("accuracy").values == [100.0]
+    assert [sample.runs[0].correct for sample in summary.samples] == [True, None, None, None, None]
+    assert [sample.reference for sample in summary.samples] == ["4", None, None, None, None]
+    assert f"{tmp_path / 'refs.jsonl'}: 4 record(s) have an 'answer' that is not a usable reference" in " ".join(
+        summary.notes
+    )
+
+
+def test_only_unusable_references(tmp_path):
+    lines = [output_line(1, "\\boxed{4}", "eos", None, make_stats(5, 10, 0, 0, 15, 100, 100, 1.0))]
+
+    summary = summarize([load_run(write_jsonl(tmp_path / "null.jsonl", lines))])
+
+    assert summary.scored_ids == []
+    assert "accuracy" not in [row.key for row in summary.rows]
+    assert "No record has a usable reference in 'answer', so accuracy is not reported." in summary.notes
+
+
+def test_load_run_hostile_lines(tmp_path):
+    good = json.dumps(RUN_B[0])
+    too_deep = '{"id": 5, "stats": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge_count = json.dumps(dict(RUN_B[1], stats=dict(RUN_B[1]["stats"], generated_tokens=10**400)))
+    huge_time = json.dumps(dict(RUN_B[2], stats=dict(RUN_B[2]["stats"], time_s=10**400)))
+    too_long = '{"id": 7, "n": ' + "9" * 5000 + "}"
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join([good, too_deep, huge_count, huge_time, too_long]) + "\n", encoding="utf-8")
+
+    run = load_run(path)
+
+    assert [record["id"] for record in run.records] == [RUN_B[0]["id"]]
+    assert [line for line, _ in run.problems] == [2, 3, 4, 5]
+    assert run.problems[0][1] == "line contains invalid json: arrays or objects are nested too deeply to decode"
+    assert "stats.generated_tokens is an integer too large to convert to a float" in run.problems[1][1]
+    assert "stats.time_s is an integer too large to convert to a float" in run.problems[2][1]
+    assert run.problems[3][1] == "line contains invalid json: an integer has more than 4300 digits"
+    # The rows are computed from the one usable record without raising.
+    assert summarize([run]).row("samples").values == [1]
+
+
+def test_command_hostile_lines_listed(tmp_path):
+    path = tmp_path / "hostile.jsonl"
+    lines = [json.dumps(RUN_B[0]), "[" * 100_000 + "]" * 100_000, "not json"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    result = invoke(str(path))
+
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    # The problem lines are announced once, then listed.
+    assert result.stdout.count("line(s) left out") == 1
+    assert f"{path}: 2 line(s) left out:" in result.stdout
+    assert "line 2: line contains invalid json: arrays or objects are nested too deeply" in result.stdout
+
+
+def test_load_trace_sentence_not_object(tmp_path):
+    bad = dict(TRACE_SAMPLE, id=5, sentences=[*TRACE_SAMPLE["sentences"], "loose text"])
+    path = write_jsonl(tmp_path / "trace.jsonl", [bad, TRACE_SAMPLE])
+
+    samples, problems = load_trace(path)
+
+    assert list(samples) == ["2"]
+    position = len(TRACE_SAMPLE["sentences"])
+    assert problems == [(1, f"trace of id '5': sentences[{position}] is not a JSON object")]
+
+
+def test_command_trace_sentence_not_object(two_runs, tmp_path):
+    trace = write_jsonl(tmp_path / "trace.jsonl", [dict(TRACE_SAMPLE, sentences=[1, None])])
+
+    result = invoke(str(two_runs[0]), "--trace", str(trace), "--trace-sample", "2")
+
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "sentences[0] is not a JSON object" in result.stdout
+    assert "sample id '2' is not in trace" in result.stderr
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_command_empty_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+
+    result = invoke(str(path))
+
+    assert result.exit_code == 1
+    assert f"{path} contains no records" in result.stderr
+    assert "samples" not in result.stdout
+
+
+def test_command_file_without_usable_records(two_runs, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text("not json\n", encoding="utf-8")
+
+    result = invoke(str(two_runs[0]), str(path))
+
+    assert result.exit_code == 1
+    assert f"{path}: 1 line(s) left out:" in result.stderr
+    assert f"{path} contains no records (1 line(s) left out, listed above)" in result.stderr
