@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -117,6 +118,18 @@ def run(
     console = Console(stderr=True)
     if method != Method.full and budget <= window:
         _fail(console, f"--budget {budget} must be larger than --window {window}")
+    for option, value in (
+        ("--temperature", temperature),
+        ("--top-p", top_p),
+        ("--tau", tau),
+        ("--mix-lambda", mix_lambda),
+        ("--alpha0", alpha0),
+        ("--gamma", gamma),
+    ):
+        if not math.isfinite(value):
+            _fail(console, f"{option} must be a finite number, got {value}")
+    if top_p <= 0:
+        _fail(console, "--top-p must be larger than 0 (1.0 samples from the whole distribution)")
     settings = RunSettings(
         input=input,
         output=output,
@@ -157,6 +170,12 @@ def run(
     )
     try:
         summary = run_job(settings, console)
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: the samples of finished batches are in {output or 'the output file'}; "
+            "rerun the same command with --resume to continue"
+        )
+        raise typer.Exit(code=130) from None
     except (RunError, InputError, OutputError, ModelError) as error:
         _fail(console, str(error))
     except _steering_errors() as error:
@@ -179,7 +198,7 @@ def _steering_errors() -> tuple[type[Exception], ...]:
 
 
 def _fail(console: Console, message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

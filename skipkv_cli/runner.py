@@ -30,7 +30,13 @@ from skipkv_cli import __version__
 from skipkv_cli.engine import CompressionConfig, Engine, GenerationConfig, SampleResult
 from skipkv_cli.grouping import plan_batches
 from skipkv_cli.models import LoadedModel, load_model
-from skipkv_cli.output import OutputWriter, default_output_path, format_output_line
+from skipkv_cli.output import (
+    OutputWriter,
+    check_output_path,
+    default_output_path,
+    format_output_line,
+    run_info_path,
+)
 from skipkv_cli.policies import make_policy
 from skipkv_cli.records import Record, build_prompt_ids, read_records
 
@@ -122,15 +128,9 @@ def run_job(settings: RunSettings, console: Console | None = None) -> RunSummary
     if not records:
         raise RunError(f"{settings.input}: no valid records to run")
 
-    # 2. Check the output path before loading the model, so a clash fails fast.
+    # 2. Check the output and trace paths before loading the model, so a clash fails fast.
     output_path = settings.output or default_output_path(settings.input)
-    if settings.resume and settings.overwrite:
-        raise RunError("--resume and --overwrite exclude each other: pass only one of them")
-    if output_path.exists() and not (settings.resume or settings.overwrite):
-        raise RunError(
-            f"output file {output_path} already exists: pass --resume to continue that run, "
-            "--overwrite to replace it, or choose another output file with -o"
-        )
+    _check_paths(settings, output_path)
 
     # 3. Load the model and the steering vector (rejected here if made for another model).
     loaded = load_model(settings.model, settings.device, settings.dtype, log=None if settings.quiet else say)
@@ -152,12 +152,25 @@ def run_job(settings: RunSettings, console: Console | None = None) -> RunSummary
         prompts: list[list[int]] = []
         runnable: list[Record] = []
         error_lines = []
+        context = _context_length(loaded.model)
         for record in pending:
             try:
-                prompts.append(build_prompt_ids(loaded.tokenizer, record, settings.system_prompt))
-                runnable.append(record)
+                prompt = build_prompt_ids(loaded.tokenizer, record, settings.system_prompt)
             except Exception as error:  # noqa: BLE001 - one bad record never stops the others
                 error_lines.append(_error_line(record, f"tokenizing the prompt failed: {error}"))
+                continue
+            if context is not None and len(prompt) + settings.max_new_tokens > context:
+                error_lines.append(
+                    _error_line(
+                        record,
+                        f"the prompt has {len(prompt)} tokens, and with --max-new-tokens {settings.max_new_tokens} "
+                        f"the sequence would exceed the model's context of {context} tokens: "
+                        "shorten the prompt or lower --max-new-tokens",
+                    )
+                )
+                continue
+            prompts.append(prompt)
+            runnable.append(record)
         if error_lines:
             writer.write(error_lines)
 
@@ -177,12 +190,42 @@ def run_job(settings: RunSettings, console: Console | None = None) -> RunSummary
 
     return RunSummary(
         output=output_path,
-        samples_written=totals["samples"] + len(error_lines),
+        samples_written=totals["samples"] + totals["errors"],
         generated_tokens=totals["generated_tokens"],
         time_s=totals["time_s"],
         invalid=invalid_text,
         errors=totals["errors"],
     )
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    return first.resolve() == second.resolve()
+
+
+def _check_paths(settings: RunSettings, output_path: Path) -> None:
+    """Reject output and trace paths that would overwrite the input, each other or an earlier run."""
+    if settings.resume and settings.overwrite:
+        raise RunError("--resume and --overwrite exclude each other: pass only one of them")
+    check_output_path(output_path, settings.input)
+    if output_path.exists() and not (settings.resume or settings.overwrite):
+        raise RunError(
+            f"output file {output_path} already exists: pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another output file with -o"
+        )
+    trace = settings.trace
+    if trace is None:
+        return
+    for other, name in ((settings.input, "input"), (output_path, "output"), (run_info_path(output_path), "run record")):
+        if _same_file(trace, other):
+            raise RunError(f"--trace {trace} is the {name} file: choose another trace file")
+    if trace.is_dir():
+        raise RunError(f"--trace {trace} is a directory: pass a file name")
+    if trace.exists() and not (settings.resume or settings.overwrite):
+        raise RunError(
+            f"trace file {trace} already exists: pass --resume to append to it, "
+            "--overwrite to replace it, or choose another trace file"
+        )
+    trace.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _generate_all(settings, engine, records, prompts, batches, writer, trace_file, console, say) -> dict:
@@ -258,6 +301,13 @@ def _generate_all(settings, engine, records, prompts, batches, writer, trace_fil
     return totals
 
 
+def _context_length(model) -> int | None:
+    """Return the model's maximum number of positions, or None when its config does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def engine_bytes_per_slot(engine: Engine) -> int:
     shape = engine.shape
     element = torch.empty((), dtype=engine.dtype).element_size()
@@ -325,7 +375,11 @@ def _steering(settings: RunSettings, loaded: LoadedModel, say: Callable[[str], N
     layer = choice.layer if choice.layer is not None else vector.layer
     num_layers = model_shape(loaded.model).num_layers
     if not 0 <= layer < num_layers:
-        raise RunError(f"--steer-layer {layer} is out of range: the model has decoder layers 0..{num_layers - 1}")
+        source = "--steer-layer" if choice.layer is not None else f"the layer recorded in {path}"
+        raise RunError(
+            f"{source} ({layer}) is out of range: the model has decoder layers 0..{num_layers - 1}; "
+            "pass --steer-layer with a layer in that range"
+        )
     info.update(mode=mode, file=str(path), layer=layer)
     say(f"steering: {mode}, layer {layer}, alpha0 {choice.alpha0}, gamma {choice.gamma}, vector {path}")
     first_parameter = next(loaded.model.parameters())
