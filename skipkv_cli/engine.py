@@ -1,9 +1,9 @@
 """The decode engine: one left-padded batch from prefill to the last token.
 
-Per batch the engine allocates a `CompactingCache`, prefills the prompts, then
-runs one forward per step with explicit `position_ids` (real tokens seen by the
-row, never the cache length) and a 4-D mask that describes the cache as it is
-after any compaction. Every `interval` steps an eviction policy returns
+Per batch the engine allocates a `CompactingCache` and prefills the prompts.
+Then it runs one forward per step with explicit `position_ids` (real tokens
+seen by the row, never the cache length) and a 4-D mask that describes the
+cache as it is after any compaction. Every `interval` steps an eviction policy returns
 keep-indices per layer, row and KV head, and the cache compacts to them. All
 state (cache, query windows, sentence tracker, steering counters) lives in one
 `_BatchState` and is dropped when the batch ends.
@@ -37,7 +37,7 @@ class GenerationConfig:
 
 @dataclass
 class CompressionConfig:
-    """How and when the cache is cut back to the policy's budget."""
+    """Eviction settings: the policy and how often the cache is cut back to its budget."""
 
     policy: "Policy"
     interval: int = 128  # decode steps between compressions

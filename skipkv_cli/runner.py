@@ -1,9 +1,10 @@
 """The `run` job: records in, batches through the engine, output lines out.
 
-The CLI parses options into `RunSettings`; everything after that happens here,
-in the order of the data flow: read and validate the input, open the output
-(before the model loads, so a clash fails fast), load the model, tokenize,
-group by length, generate batch by batch, write each batch as it finishes.
+The CLI parses options into `RunSettings`, and everything after that happens
+here in the order of the data flow. The input is read and validated and the
+output paths are checked before the model loads, so mistakes fail fast. Then
+the model loads, prompts are tokenized and grouped by length, and each batch
+is written as soon as it finishes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,7 +44,7 @@ from skipkv_cli.records import Record, build_prompt_ids, read_records
 
 
 class RunError(Exception):
-    """A problem that stops the whole run before generation; the message says what to do."""
+    """A problem that stops the whole run before generation; the message names the fix."""
 
 
 @dataclass
@@ -276,7 +278,7 @@ def _generate_all(settings, engine, records, prompts, batches, writer, trace_fil
                 ]
             except Exception as error:  # noqa: BLE001 - a failed batch is written as errors, the run goes on
                 message = f"generation failed for batch {batch.index}: {type(error).__name__}: {error}"
-                console.print(f"[red]error[/red] {message}")
+                console.print(f"[red]error[/red] {escape(message)}", soft_wrap=True)
                 results = []
                 lines = [_error_line(record, message, batch.index) for record in batch_records]
                 totals["errors"] += len(lines)
@@ -302,7 +304,7 @@ def _generate_all(settings, engine, records, prompts, batches, writer, trace_fil
 
 
 def _context_length(model) -> int | None:
-    """Return the model's maximum number of positions, or None when its config does not say."""
+    """Return the model's maximum number of positions, or None when its config has none."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     value = getattr(config, "max_position_embeddings", None)
     return int(value) if value else None
