@@ -814,7 +814,8 @@ def write_plot(summary: Summary, path: Path) -> None:
             transform=accuracy_axes.transAxes,
         )
     # Both quantities have natural ranges, so runs stay comparable across plots.
-    accuracy_axes.set_xlim(0.0, max([1.05, *[ratio for ratio in kv_ratio if ratio is not None]]))
+    # Leave room right of the largest ratio, so its point and label are not cut off.
+    accuracy_axes.set_xlim(0.0, 1.1 * max([1.0, *[ratio for ratio in kv_ratio if ratio is not None]]))
     accuracy_axes.set_ylim(0.0, 105.0)
     accuracy_axes.set_xlabel("KV bytes peak / full cache")
     accuracy_axes.set_ylabel("accuracy (%)")
