@@ -484,6 +484,11 @@ def _check_gguf_readable(path: Path) -> None:
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - struct.error, ValueError, KeyError, UnicodeDecodeError and more
+        # Seen with transformers 5.25: this reader rejects the Q5_0 tensors
+        # (ggml type 6) of the bundled 0.5B model, which the dequantizing
+        # conversion loads fine, so an unsupported type is left to it.
+        if isinstance(error, ValueError) and "ggml type" in str(error):
+            return
         raise ModelError(_unreadable_gguf_message(path, error)) from None
 
     size = path.stat().st_size
