@@ -135,9 +135,9 @@ def use_observed_attention(model: PreTrainedModel, observer: QueryObserver | Non
     query_len, head_dim), cached keys (batch, kv_heads, kv_len, head_dim),
     additive mask). `module.layer_idx` names the layer. Pass None to detach.
     """
-    # Setting the implementation makes transformers look the name up, which
-    # without HF_HUB_OFFLINE means hub requests (seconds each) for a name it
-    # does not know; do it once per model.
+    # Setting the implementation makes transformers look the name up. Without
+    # HF_HUB_OFFLINE that costs hub requests of seconds each, so it is done
+    # once per model.
     if model.config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
     key = id(base_model(model).config)

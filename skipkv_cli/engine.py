@@ -112,8 +112,7 @@ class _BatchState:
         if compression is None:
             capacity = self.padded_length + max_new
         else:
-            policy = compression.policy
-            capacity = max(self.padded_length, policy.budget) + compression.interval
+            capacity = max(self.padded_length, compression.policy.budget) + compression.interval
             capacity = min(capacity, self.padded_length + max_new)
         policy = compression.policy if compression else None
         self.cache = CompactingCache(
@@ -307,7 +306,7 @@ class Engine:
 
         Counting real tokens, not slots, makes a row compress at the same step
         in a padded batch as alone: right after prefill when its prompt is
-        longer than the budget, then whenever it holds budget + interval tokens.
+        longer than the budget, then whenever it has budget + interval tokens.
         """
         if self.compression is None:
             return torch.zeros(state.batch_size, dtype=torch.bool)
@@ -386,8 +385,10 @@ class Engine:
 
     def _decode_allowed(self, state: _BatchState) -> torch.Tensor:
         """Return (batch, slots + 1) bool: which cached slots and the new token each row attends to."""
+        # Masked slots are all at the front of a row, and every other slot is real.
+        padding = (state.cache.length - state.real_cached).to(self.device)
         slots = torch.arange(state.cache.length + 1, device=self.device)
-        return slots[None, :] >= state.cache.padding_slots()[:, None]
+        return slots[None, :] >= padding[:, None]
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """Turn (batch, query, key) bool into the additive (batch, 1, query, key) mask."""

@@ -40,7 +40,8 @@ def test_run_writes_outputs_stats_and_run_record(tmp_path):
     for line in lines:
         assert list(line)[:3] == ["id", "output", "finish_reason"]
         assert line["finish_reason"] in ("eos", "length")
-        assert "answer" in line and "reference" in line
+        assert "answer" in line
+        assert "reference" in line
         stats = line["stats"]
         assert 0 < stats["generated_tokens"] <= 24
         assert stats["prompt_tokens"] > 20
